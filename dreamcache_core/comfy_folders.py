@@ -1,0 +1,62 @@
+"""Model folders of this pack in ComfyUI: ``models/dreamcache`` (adapters) and ``models/dreamcache_caches``.
+
+Folders added by ``extra_model_paths.yaml`` under the same names are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from .errors import DreamCacheMismatchError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FOLDER = "dreamcache"
+CACHE_FOLDER = "dreamcache_caches"
+ADAPTER_EXTENSIONS = {".safetensors", ".pt", ".pth"}
+CACHE_EXTENSIONS = {".safetensors"}
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")
+
+
+def register_folders() -> None:
+    """Add the default folders (first in the search order) and set the file extensions each lists."""
+    import folder_paths
+
+    for name, extensions in ((ADAPTER_FOLDER, ADAPTER_EXTENSIONS), (CACHE_FOLDER, CACHE_EXTENSIONS)):
+        default = os.path.join(folder_paths.models_dir, name)
+        folder_paths.add_model_folder_path(name, default, is_default=True)
+        paths, current = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(current) | extensions)
+
+
+def validate_cache_name(name: str) -> str:
+    """Return ``name`` without a ``.safetensors`` suffix, or raise if it could leave the cache folder."""
+    stem = name.strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not stem or "/" in stem or "\\" in stem or ".." in stem or os.path.isabs(stem) or not _SAFE_NAME.match(stem):
+        raise DreamCacheMismatchError(
+            f"Cache name {name!r} is invalid: use letters, digits, spaces, '_', '-' or '.', starting with a letter or "
+            "digit, with no path separators and no '..'. Example: 'my_dog'.")
+    return stem
+
+
+def cache_save_path(name: str, overwrite: bool) -> str:
+    """Return where Save DreamCache writes ``name``: the first cache folder, numbered when the name is taken."""
+    import folder_paths
+
+    stem = validate_cache_name(name)
+    folder = folder_paths.get_folder_paths(CACHE_FOLDER)[0]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{stem}.safetensors")
+    if overwrite or not os.path.exists(path):
+        return path
+    for counter in range(1, 100000):
+        numbered = os.path.join(folder, f"{stem}_{counter:05d}.safetensors")
+        if not os.path.exists(numbered):
+            logger.info("DreamCache %s exists; saving as %s", path, numbered)
+            return numbered
+    raise DreamCacheMismatchError(f"Too many caches named {stem!r}; pick another name.")

@@ -1,0 +1,154 @@
+"""Glue between the DreamCache patch and ComfyUI's ModelPatcher and sampler (ComfyUI 0.3.64).
+
+Imports ``comfy`` lazily so the rest of the package works without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .adapter import DreamCacheAdapter
+from .cache import SubjectCache
+from .errors import DreamCacheMismatchError
+from .layers import Fingerprint, check_fingerprint, family_from_config, memory_layers
+from .patch import MEMORY_CHUNKS_KEY, RUN_STATE_KEY, DreamCachePatch, RunState, Subject
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_KEY = "dreamcache"
+
+# Guider_DualCFG stacks chunks as [negative, middle, positive]; memory goes to middle and positive.
+DUAL_CFG_MEMORY_CHUNKS = frozenset({1, 2})
+
+
+def model_fingerprint(model_patcher) -> Fingerprint:
+    """Return the fingerprint of the U-Net inside a ComfyUI MODEL."""
+    import comfy.model_base
+
+    base_model = model_patcher.model
+    config = base_model.model_config.unet_config
+    context_dim = config.get("context_dim")
+    if context_dim is None:
+        raise DreamCacheMismatchError(
+            f"Model {type(base_model).__name__} has no text cross-attention U-Net; DreamCache supports "
+            "SD 1.x, SD 2.x and SDXL checkpoints.")
+    family = family_from_config(int(context_dim), config.get("adm_in_channels"))
+
+    model_type = base_model.model_type
+    if model_type == comfy.model_base.ModelType.EPS:
+        prediction = "eps"
+    elif model_type == comfy.model_base.ModelType.V_PREDICTION:
+        prediction = "v"
+    else:
+        prediction = str(model_type.name).lower()
+
+    layers = memory_layers(family, int(config["model_channels"]), tuple(config["channel_mult"]))
+    return Fingerprint(family=family, context_dim=int(context_dim), prediction=prediction, layers=layers)
+
+
+def check_adapter_fits(model_patcher, adapter: DreamCacheAdapter, source: str = "adapter") -> None:
+    check_fingerprint(model_fingerprint(model_patcher), adapter.fingerprint, f"DreamCache adapter {source}",
+                      "Load the adapter trained for this base model.")
+
+
+def check_cache_fits(model_patcher, cache: SubjectCache, source: str = "cache") -> None:
+    check_fingerprint(model_fingerprint(model_patcher), cache.fingerprint, f"DreamCache {source}",
+                      "Build the cache again with Build DreamCache on this model.")
+
+
+def find_patch(model_patcher) -> DreamCachePatch | None:
+    """Return the DreamCache patch already on ``model_patcher``, if any."""
+    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
+    for patch in patches.get("middle_patch", []):
+        owner = getattr(patch, "__self__", None)
+        if isinstance(owner, DreamCachePatch):
+            return owner
+    return None
+
+
+def _replace_patch(model_patcher, old: DreamCachePatch | None, new: DreamCachePatch) -> None:
+    patches = model_patcher.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
+    for name, method in (("attn1_output_patch", new.attn1_output), ("middle_patch", new.middle)):
+        current = [patch for patch in patches.get(name, []) if getattr(patch, "__self__", None) is not old or old is None]
+        patches[name] = current + [method]
+
+
+def apply_dreamcache(model_patcher, adapter: DreamCacheAdapter, cache: SubjectCache, strength: float = 1.0,
+                     start_percent: float = 0.0, end_percent: float = 1.0, mask: torch.Tensor | None = None):
+    """Return a clone of ``model_patcher`` whose memory blocks attend to ``cache``.
+
+    Checkpoint weights are not touched; the input MODEL keeps sampling the base model. A second
+    call on the returned MODEL adds another subject to the same patch.
+    """
+    check_adapter_fits(model_patcher, adapter)
+    check_cache_fits(model_patcher, cache)
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise DreamCacheMismatchError(
+            f"start_percent {start_percent} and end_percent {end_percent} are invalid; "
+            "use 0 <= start_percent <= end_percent <= 1.")
+
+    subject = Subject(adapter=adapter, cache=cache, strength=float(strength), start_percent=float(start_percent),
+                      end_percent=float(end_percent), mask=mask)
+    patched = model_patcher.clone()
+    old = find_patch(patched)
+    new = old.with_subject(subject) if old is not None else DreamCachePatch((subject,))
+    _replace_patch(patched, old, new)
+
+    import comfy.patcher_extension
+
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    logger.info("DreamCache applied: %s, strength %.3f, percent %.2f-%.2f%s", cache.describe(), strength,
+                start_percent, end_percent, ", masked" if mask is not None else "")
+    return patched
+
+
+def compute_dtype(model_patcher) -> torch.dtype:
+    """Return the dtype the U-Net's activations have (ComfyUI's manual cast dtype, else the weights')."""
+    base_model = model_patcher.model
+    return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
+def sigma_windows(patch: DreamCachePatch, model_sampling) -> tuple:
+    windows = []
+    for subject in patch.subjects:
+        if subject.start_percent <= 0.0 and subject.end_percent >= 1.0:
+            windows.append(None)
+        else:
+            windows.append((float(model_sampling.percent_to_sigma(subject.start_percent)),
+                            float(model_sampling.percent_to_sigma(subject.end_percent))))
+    return tuple(windows)
+
+
+def prepare_run_state(model_patcher, model_options: dict) -> RunState | None:
+    """Prepare every DreamCache patch in ``model_options`` for one sampling run on the model's device."""
+    patches = model_options.get("transformer_options", {}).get("patches", {})
+    owners = {id(patch.__self__): patch.__self__ for patch in patches.get("middle_patch", [])
+              if isinstance(getattr(patch, "__self__", None), DreamCachePatch)}
+    if not owners:
+        return None
+    device = model_patcher.load_device
+    dtype = compute_dtype(model_patcher)
+    model_sampling = model_patcher.get_model_object("model_sampling")
+    runs = {key: owner.prepare(device, dtype, sigma_windows(owner, model_sampling)) for key, owner in owners.items()}
+    return RunState(runs)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """Prepare cache and adapter tensors once for the whole sampling run, and drop them afterwards."""
+    guider = executor.class_obj
+    transformer_options = guider.model_options.setdefault("transformer_options", {})
+    state = prepare_run_state(guider.model_patcher, guider.model_options)
+    if state is None:
+        return executor(*args, **kwargs)
+
+    transformer_options[RUN_STATE_KEY] = state
+    if type(guider).__name__ == "Guider_DualCFG":
+        transformer_options[MEMORY_CHUNKS_KEY] = DUAL_CFG_MEMORY_CHUNKS
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        transformer_options.pop(RUN_STATE_KEY, None)
+        transformer_options.pop(MEMORY_CHUNKS_KEY, None)

@@ -1,0 +1,36 @@
+"""Load DreamCache: a saved subject cache, re-read when the file changes on disk."""
+
+import os
+
+import folder_paths
+
+from dreamcache_core.cache import load_cache
+from dreamcache_core.comfy_folders import CACHE_FOLDER
+
+
+class DreamCacheLoad:
+    CATEGORY = "DreamCache"
+    RETURN_TYPES = ("DREAMCACHE",)
+    RETURN_NAMES = ("cache",)
+    OUTPUT_TOOLTIPS = ("The subject cache read from disk, checked layer by layer.",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads a subject cache saved by Save DreamCache."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "cache_name": (folder_paths.get_filename_list(CACHE_FOLDER), {
+                "tooltip": "Cache file in models/dreamcache_caches."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, cache_name):
+        path = folder_paths.get_full_path(CACHE_FOLDER, cache_name)
+        if path is None or not os.path.exists(path):
+            return float("nan")
+        status = os.stat(path)
+        return f"{status.st_mtime_ns}:{status.st_size}"
+
+    def load(self, cache_name):
+        path = folder_paths.get_full_path_or_raise(CACHE_FOLDER, cache_name)
+        return (load_cache(path),)
