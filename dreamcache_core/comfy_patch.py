@@ -22,6 +22,9 @@ WRAPPER_KEY = "dreamcache"
 # Guider_DualCFG stacks chunks as [negative, middle, positive]; memory goes to middle and positive.
 DUAL_CFG_MEMORY_CHUNKS = frozenset({1, 2})
 
+# Image guidance stacks [cond, uncond, uncond without memory]; memory goes to the first two.
+IMAGE_GUIDANCE_MEMORY_CHUNKS = frozenset({0, 1})
+
 
 def model_fingerprint(model_patcher) -> Fingerprint:
     """Return the fingerprint of the U-Net inside a ComfyUI MODEL."""
@@ -76,11 +79,13 @@ def _replace_patch(model_patcher, old: DreamCachePatch | None, new: DreamCachePa
 
 
 def apply_dreamcache(model_patcher, adapter: DreamCacheAdapter, cache: SubjectCache, strength: float = 1.0,
-                     start_percent: float = 0.0, end_percent: float = 1.0, mask: torch.Tensor | None = None):
+                     start_percent: float = 0.0, end_percent: float = 1.0, mask: torch.Tensor | None = None,
+                     image_scale: float = 1.0):
     """Return a clone of ``model_patcher`` whose memory blocks attend to ``cache``.
 
     Checkpoint weights are not touched; the input MODEL keeps sampling the base model. A second
-    call on the returned MODEL adds another subject to the same patch.
+    call on the returned MODEL adds another subject to the same patch; its ``image_scale``
+    replaces the earlier one, because image guidance is a property of the whole model.
     """
     check_adapter_fits(model_patcher, adapter)
     check_cache_fits(model_patcher, cache)
@@ -100,9 +105,71 @@ def apply_dreamcache(model_patcher, adapter: DreamCacheAdapter, cache: SubjectCa
 
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
-    logger.info("DreamCache applied: %s, strength %.3f, percent %.2f-%.2f%s", cache.describe(), strength,
-                start_percent, end_percent, ", masked" if mask is not None else "")
+    set_image_guidance(patched, image_scale)
+    logger.info("DreamCache applied: %s, strength %.3f, percent %.2f-%.2f, image_scale %.3f%s", cache.describe(),
+                strength, start_percent, end_percent, image_scale, ", masked" if mask is not None else "")
     return patched
+
+
+class ImageGuidance:
+    """``sampler_calc_cond_batch_function`` that adds the memory-free negative prediction.
+
+    The method samples with three predictions per step, eps_u (negative prompt, no memory),
+    eps_img (negative prompt, memory) and eps_c (prompt, memory), combined as
+    eps_u + s_T (eps_c - eps_img) + s_I (eps_img - eps_u). ComfyUI's CFG computes
+    U + s_T (C - U), so returning C = eps_c + d and U = eps_img + d with
+    d = (1 - s_I) (eps_u - eps_img) gives exactly that combination for any s_T. The three
+    predictions go through one ``calc_cond_batch`` call, which batches them where memory allows.
+    The combination is linear with weights summing to 1, so it holds for denoised outputs too.
+    """
+
+    def __init__(self, image_scale: float):
+        self.image_scale = float(image_scale)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args: dict) -> list:
+        import comfy.samplers
+
+        cond, uncond = args["conds"]
+        model_options = args["model_options"]
+        if uncond is None:
+            return comfy.samplers.calc_cond_batch(args["model"], [cond, None], args["input"], args["sigma"],
+                                                  model_options)
+
+        options = dict(model_options)
+        options["transformer_options"] = dict(model_options.get("transformer_options", {}))
+        options["transformer_options"][MEMORY_CHUNKS_KEY] = IMAGE_GUIDANCE_MEMORY_CHUNKS
+        eps_c, eps_img, eps_u = comfy.samplers.calc_cond_batch(args["model"], [cond, uncond, uncond], args["input"],
+                                                               args["sigma"], options)
+        shift = (1.0 - self.image_scale) * (eps_u - eps_img)
+        return [eps_c + shift, eps_img + shift]
+
+
+def set_image_guidance(model_patcher, image_scale: float) -> None:
+    """Install (image_scale != 1) or remove (image_scale == 1) DreamCache image guidance on ``model_patcher``.
+
+    Another pack's ``sampler_calc_cond_batch_function`` is never replaced.
+    """
+    current = model_patcher.model_options.get("sampler_calc_cond_batch_function")
+    if current is not None and not isinstance(current, ImageGuidance):
+        if image_scale != 1.0:
+            raise DreamCacheMismatchError(
+                f"image_scale {image_scale} needs ComfyUI's sampler_calc_cond_batch_function, which another node "
+                "already set on this model. Use image_scale 1 with a DualCFGGuider instead (cfg1 = text scale, "
+                "cfg2 = image scale).")
+        return
+
+    if image_scale == 1.0:
+        model_patcher.model_options.pop("sampler_calc_cond_batch_function", None)
+        if isinstance(current, ImageGuidance):
+            model_patcher.model_options.pop("disable_cfg1_optimization", None)
+        return
+
+    model_patcher.model_options["sampler_calc_cond_batch_function"] = ImageGuidance(image_scale)
+    # With cfg 1 ComfyUI would drop the negative prompt, which image guidance needs.
+    model_patcher.model_options["disable_cfg1_optimization"] = True
 
 
 def compute_dtype(model_patcher) -> torch.dtype:
@@ -147,6 +214,9 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     transformer_options[RUN_STATE_KEY] = state
     if type(guider).__name__ == "Guider_DualCFG":
         transformer_options[MEMORY_CHUNKS_KEY] = DUAL_CFG_MEMORY_CHUNKS
+        if isinstance(guider.model_options.get("sampler_calc_cond_batch_function"), ImageGuidance):
+            logger.warning("DreamCache: image_scale on Apply DreamCache is ignored under DualCFGGuider; "
+                           "its cfg_cond2_negative is the image scale.")
     try:
         return executor(*args, **kwargs)
     finally:

@@ -22,6 +22,11 @@ class DreamCacheApply:
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
                                        "tooltip": "0 gives the unpatched model exactly, 1 the released DreamCache "
                                                   "block. Values between blend the two residuals."}),
+                "image_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.05,
+                                          "tooltip": "Image guidance s_I. 1 is ordinary CFG with memory in both "
+                                                     "branches. Other values add a memory-free negative prediction "
+                                                     "(three predictions per step) and sample eps_u + cfg (eps_c - "
+                                                     "eps_img) + s_I (eps_img - eps_u). Ignored by DualCFGGuider."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                             "tooltip": "Fraction of the sampling schedule where memory starts acting."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
@@ -33,8 +38,8 @@ class DreamCacheApply:
             },
         }
 
-    def apply(self, model, adapter, cache, strength, start_percent, end_percent, attn_mask=None):
+    def apply(self, model, adapter, cache, strength, image_scale, start_percent, end_percent, attn_mask=None):
         mask = normalize_mask(attn_mask) if attn_mask is not None else None
         patched = apply_dreamcache(model, adapter, cache, strength=strength, start_percent=start_percent,
-                                   end_percent=end_percent, mask=mask)
+                                   end_percent=end_percent, mask=mask, image_scale=image_scale)
         return (patched,)
