@@ -19,10 +19,10 @@ logger = logging.getLogger(__name__)
 
 WRAPPER_KEY = "dreamcache"
 
-# Guider_DualCFG stacks chunks as [negative, middle, positive]; memory goes to middle and positive.
+# Guider_DualCFG stacks chunks as [negative, middle, positive]. Memory goes to middle and positive.
 DUAL_CFG_MEMORY_CHUNKS = frozenset({1, 2})
 
-# Image guidance stacks [cond, uncond, uncond without memory]; memory goes to the first two.
+# Image guidance stacks [cond, uncond, uncond without memory]. Memory goes to the first two.
 IMAGE_GUIDANCE_MEMORY_CHUNKS = frozenset({0, 1})
 
 
@@ -35,7 +35,7 @@ def model_fingerprint(model_patcher) -> Fingerprint:
     context_dim = config.get("context_dim")
     if context_dim is None:
         raise DreamCacheMismatchError(
-            f"Model {type(base_model).__name__} has no text cross-attention U-Net; DreamCache supports "
+            f"Model {type(base_model).__name__} has no text cross-attention U-Net. DreamCache supports "
             "SD 1.x, SD 2.x and SDXL checkpoints.")
     family = family_from_config(int(context_dim), config.get("adm_in_channels"))
 
@@ -84,14 +84,14 @@ def apply_dreamcache(model_patcher, adapter: DreamCacheAdapter, cache: SubjectCa
     """Return a clone of ``model_patcher`` whose memory blocks attend to ``cache``.
 
     Checkpoint weights are not touched; the input MODEL keeps sampling the base model. A second
-    call on the returned MODEL adds another subject to the same patch; its ``image_scale``
-    replaces the earlier one, because image guidance is a property of the whole model.
+    call on the returned MODEL adds another subject to the same patch. Its ``image_scale``
+    replaces the earlier one, because image guidance applies to the whole model.
     """
     check_adapter_fits(model_patcher, adapter)
     check_cache_fits(model_patcher, cache)
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise DreamCacheMismatchError(
-            f"start_percent {start_percent} and end_percent {end_percent} are invalid; "
+            f"start_percent {start_percent} and end_percent {end_percent} are invalid. "
             "use 0 <= start_percent <= end_percent <= 1.")
 
     subject = Subject(adapter=adapter, cache=cache, strength=float(strength), start_percent=float(start_percent),
@@ -215,8 +215,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     if type(guider).__name__ == "Guider_DualCFG":
         transformer_options[MEMORY_CHUNKS_KEY] = DUAL_CFG_MEMORY_CHUNKS
         if isinstance(guider.model_options.get("sampler_calc_cond_batch_function"), ImageGuidance):
-            logger.warning("DreamCache: image_scale on Apply DreamCache is ignored under DualCFGGuider; "
-                           "its cfg_cond2_negative is the image scale.")
+            logger.warning("DreamCache: image_scale on Apply DreamCache is ignored under DualCFGGuider, "
+                           "whose cfg_cond2_negative is the image scale.")
     try:
         return executor(*args, **kwargs)
     finally:

@@ -3,6 +3,7 @@
 from .adapter_loader import DreamCacheAdapterLoader
 from .apply import DreamCacheApply
 from .build import DreamCacheBuild
+from .combine import DreamCacheCombine
 from .load import DreamCacheLoad
 from .save import DreamCacheSave
 
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "DreamCacheSave": DreamCacheSave,
     "DreamCacheLoad": DreamCacheLoad,
     "DreamCacheApply": DreamCacheApply,
+    "DreamCacheCombine": DreamCacheCombine,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -21,4 +23,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DreamCacheSave": "Save DreamCache",
     "DreamCacheLoad": "Load DreamCache",
     "DreamCacheApply": "Apply DreamCache",
+    "DreamCacheCombine": "Combine DreamCaches",
 }
