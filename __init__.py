@@ -9,10 +9,19 @@ _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
 if _PACK_DIR not in sys.path:
     sys.path.append(_PACK_DIR)
 
-from dreamcache_core.comfy_folders import register_folders  # noqa: E402
+try:
+    import folder_paths  # noqa: F401
+except ModuleNotFoundError as error:
+    # pytest (8 and later) imports this file when it collects the repository root as a package,
+    # also without ComfyUI. Only ComfyUI provides folder_paths, so outside it there are no nodes.
+    if error.name != "folder_paths":
+        raise
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+else:
+    from dreamcache_core.comfy_folders import register_folders
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-register_folders()
+    register_folders()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
