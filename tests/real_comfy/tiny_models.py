@@ -25,9 +25,11 @@ _FAMILY_CONFIG = {
 
 def tiny_unet_config(family: str = "sd2", model_channels: int = 32) -> dict:
     _, context_dim, linear, channel_mult, depth, adm = _FAMILY_CONFIG[family]
+    # UNetModel pops transformer_depth_output from the end, so its last three entries are the
+    # deepest decoder level (output_blocks.0-2, no transformer), as in ComfyUI's stock SD configs.
     return {"in_channels": 4, "out_channels": 4, "model_channels": model_channels, "num_res_blocks": 2,
             "channel_mult": channel_mult, "transformer_depth": depth, "transformer_depth_middle": 1,
-            "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], "context_dim": context_dim,
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "context_dim": context_dim,
             "use_linear_in_transformer": linear, "adm_in_channels": adm, "use_temporal_attention": False,
             "image_size": 32, "use_spatial_transformer": True, "legacy": False}
 
