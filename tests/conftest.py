@@ -11,7 +11,7 @@ def comfy_available() -> bool:
 
 
 # Without ComfyUI the real-ComfyUI suite is not even imported.
-collect_ignore_glob = [] if comfy_available() else ["real_comfy/*"]
+collect_ignore_glob = [] if comfy_available() else ["real_comfy"]
 
 
 def pytest_report_header(config):
