@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..adapter import DreamCacheAdapter
 from ..adapter_io import save_adapter
+from ..comfy_patch import model_fingerprint
 from . import distributed
 from .augment import ReferenceAugmentation
 from .checkpoint import RESUME_FILE, check_resume_matches, load_resume, restore_training_state, save_checkpoint
@@ -111,8 +112,6 @@ def train(config: TrainConfig, model_patcher=None, vae=None, clip=None) -> Train
     if vae is None or clip is None:
         raise ValueError("Training needs the VAE and the text encoder (CLIP) of the base model.")
 
-    from ..comfy_patch import model_fingerprint
-
     fingerprint = model_fingerprint(model_patcher)
     base = FrozenBase(model_patcher, vae, fingerprint)
     if base.dtype == torch.float16 and base.device.type == "cpu":
@@ -146,6 +145,9 @@ def run_training(config: TrainConfig, base: FrozenBase, text: TextConditioner,
         check_resume_matches(payload["run"], run_info, resume_path)
         start_step = restore_training_state(payload, adapter, optimizer, scaler)
         logger.info("Resuming from %s at step %d", resume_path, start_step)
+        if start_step >= config.max_steps:
+            logger.info("The run already reached step %d of %d; raise max_steps to train further", start_step,
+                        config.max_steps)
 
     parameters = sum(parameter.numel() for parameter in adapter.parameters())
     logger.info("Training a DreamCache adapter for %s: %d blocks, %d parameters, global batch %d (%d x %d x %d "
