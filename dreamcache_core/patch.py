@@ -172,7 +172,6 @@ class DreamCachePatch:
         if rows is not None and rows.numel() == 0:
             return hidden
 
-        x = hidden - attn1_out
         heads = int(extra_options["n_heads"])
         attn_precision = extra_options.get("attn_precision")
         height, width = extra_options.get("activations_shape", [0, 0, 0, 0])[-2:]
@@ -180,25 +179,30 @@ class DreamCachePatch:
         chunk_size = hidden.shape[0] // chunk_count
         sigmas = extra_options.get("sigmas")
 
-        delta = torch.zeros_like(hidden)
+        terms = []
         for subject in subjects:
             row_weight = subject_row_weights(subject, hidden.shape[0], rows, sigmas, hidden.device, hidden.dtype)
             if row_weight is None:
                 continue
-            active = torch.nonzero(row_weight).flatten()
-            keys = select_items(subject.keys, active, chunk_size, "cache")
-            values = select_items(subject.values, active, chunk_size, "cache")
-            m = memory_attention_output(subject.weights, x[active], keys, values, heads, attn_precision)
-            term = fused_residual_delta(subject.weights, attn1_out[active], m) * row_weight[active, None, None]
+            selection = RowSelection.from_weights(row_weight)
+            keys = selection.items(subject.keys, chunk_size, "cache")
+            values = selection.items(subject.values, chunk_size, "cache")
+            a = selection.take(attn1_out)
+            x = selection.take(hidden) - a
+            m = memory_attention_output(subject.weights, x, keys, values, heads, attn_precision)
+            term = fused_residual_delta(subject.weights, a, m)
+            if not selection.unit_weights:
+                # Multiplying by a weight of exactly 1 changes nothing, so it is skipped.
+                term = term * selection.take(row_weight)[:, None, None]
 
             mask = subject.mask_tokens(height, width)
             if mask is not None:
                 if mask.shape[1] != x.shape[1]:
                     raise DreamCacheMismatchError(
                         f"Mask grid {height}x{width} has {mask.shape[1]} tokens but block {block} has {x.shape[1]}.")
-                term = term * select_items(mask, active, chunk_size, "mask")
-            delta.index_add_(0, active, term)
-        return hidden + delta
+                term = term * selection.items(mask, chunk_size, "mask")
+            terms.append((selection, term))
+        return add_terms(hidden, terms)
 
     def _run_for(self, hidden: torch.Tensor, extra_options: dict) -> PreparedRun:
         state = extra_options.get(RUN_STATE_KEY)
@@ -271,3 +275,76 @@ def select_items(tensor: torch.Tensor, rows: torch.Tensor, chunk_size: int, what
             f"The {what} has {items} items but the latent batch has {chunk_size}. Use a {what} with 1 item "
             f"(shared by every latent) or exactly {chunk_size} (one per latent).")
     return tensor[(rows % chunk_size).to(tensor.device)]
+
+
+class RowSelection:
+    """The batch rows one subject acts on: a slice where they are consecutive, else an index tensor.
+
+    A slice picks rows as a view, so the common cases (every row, or one run of chunks) copy
+    nothing. An index tensor gathers, which copies. Both give the same values.
+    """
+
+    def __init__(self, rows: list[int], batch: int, unit_weights: bool):
+        self.rows = rows
+        self.batch = batch
+        self.unit_weights = unit_weights
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.slice = slice(rows[0], rows[0] + len(rows)) if consecutive else None
+        self._indices: dict = {}
+
+    @staticmethod
+    def from_weights(row_weight: torch.Tensor) -> "RowSelection":
+        """Select the rows whose weight in ``row_weight`` (B) is not zero; at least one must be non-zero."""
+        weights = row_weight.tolist()
+        rows = [row for row, weight in enumerate(weights) if weight != 0.0]
+        return RowSelection(rows, len(weights), all(weights[row] == 1.0 for row in rows))
+
+    @property
+    def all_rows(self) -> bool:
+        return len(self.rows) == self.batch
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """Return the rows as a long tensor on ``device``, made once per device."""
+        if device not in self._indices:
+            self._indices[device] = torch.tensor(self.rows, dtype=torch.long, device=device)
+        return self._indices[device]
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return the selected rows of ``tensor`` (B x ...)."""
+        if self.all_rows:
+            return tensor
+        if self.slice is not None:
+            return tensor[self.slice]
+        return tensor[self.index(tensor.device)]
+
+    def items(self, tensor: torch.Tensor, chunk_size: int, what: str) -> torch.Tensor:
+        """Return the cache or mask item of each selected row, as :func:`select_items` does."""
+        if tensor.shape[0] == 1:
+            return tensor.expand(len(self.rows), *tensor.shape[1:])
+        return select_items(tensor, self.index(tensor.device), chunk_size, what)
+
+
+def add_terms(hidden: torch.Tensor, terms: list[tuple[RowSelection, torch.Tensor]]) -> torch.Tensor:
+    """Return ``hidden`` plus every subject's term on that subject's rows.
+
+    The terms are summed first, starting from zero and in subject order, and the sum is then added
+    to ``hidden``, so the result does not depend on how many rows each subject covers. One term
+    needs no zero-filled buffer: 0 + t is exactly t.
+    """
+    if not terms:
+        return hidden
+    if len(terms) == 1:
+        selection, term = terms[0]
+        if selection.all_rows:
+            return hidden + term
+        result = hidden.clone()
+        if selection.slice is not None:
+            result[selection.slice] += term
+        else:
+            result.index_add_(0, selection.index(hidden.device), term)
+        return result
+
+    delta = torch.zeros_like(hidden)
+    for selection, term in terms:
+        delta.index_add_(0, selection.index(hidden.device), term)
+    return hidden + delta
