@@ -78,6 +78,17 @@ def count_rows(model_patcher):
     return calls, lambda: setattr(unet, "forward", original)
 
 
+def three_prediction_formula(base, patched, noise, positive, negative, text_scale, image_scale):
+    """Return eps_u + s_T (eps_c - eps_img) + s_I (eps_img - eps_u) from three separate model calls,
+    and the largest memory effect |eps_img - eps_u|, all as denoised latents at GUIDANCE_SIGMA."""
+    x = noise * GUIDANCE_SIGMA
+    eps_c = denoise(patched, x, positive[0][0], sigma=GUIDANCE_SIGMA)
+    eps_img = denoise(patched, x, negative[0][0], sigma=GUIDANCE_SIGMA)
+    eps_u = denoise(base, x, negative[0][0], sigma=GUIDANCE_SIGMA)
+    expected = eps_u + text_scale * (eps_c - eps_img) + image_scale * (eps_img - eps_u)
+    return expected, (eps_img - eps_u).abs().max().item()
+
+
 @pytest.mark.parametrize("text_scale,image_scale", [(7.5, 0.4), (4.0, 3.0), (1.0, 0.5)])
 def test_image_guidance_matches_formula(base, adapter, cache, text_scale, image_scale):
     patched = apply_dreamcache(base, adapter, cache, image_scale=image_scale)
@@ -88,15 +99,11 @@ def test_image_guidance_matches_formula(base, adapter, cache, text_scale, image_
     guider.set_conds(positive, negative)
     guider.set_cfg(text_scale)
     guided = one_step(guider, noise, sigma=GUIDANCE_SIGMA)
-
-    x = noise * GUIDANCE_SIGMA
-    eps_c = denoise(patched, x, positive[0][0], sigma=GUIDANCE_SIGMA)
-    eps_img = denoise(patched, x, negative[0][0], sigma=GUIDANCE_SIGMA)
-    eps_u = denoise(base, x, negative[0][0], sigma=GUIDANCE_SIGMA)
-    expected = eps_u + text_scale * (eps_c - eps_img) + image_scale * (eps_img - eps_u)
+    expected, memory_effect = three_prediction_formula(base, patched, noise, positive, negative, text_scale,
+                                                       image_scale)
 
     assert (guided - expected).abs().max().item() <= 1e-4
-    assert (eps_img - eps_u).abs().max().item() > 1e-3, "memory had no effect; the test would prove nothing"
+    assert memory_effect > 1e-3, "memory had no effect; the test would prove nothing"
 
 
 def test_image_guidance_batches_three_predictions(base, adapter, cache):
@@ -145,12 +152,7 @@ def test_dual_cfg_guider_matches_formula(base, adapter, cache):
     guider.set_conds(positive, negative, negative)
     guider.set_cfg(text_scale, image_scale)
     guided = one_step(guider, noise, sigma=GUIDANCE_SIGMA)
-
-    x = noise * GUIDANCE_SIGMA
-    eps_c = denoise(patched, x, positive[0][0], sigma=GUIDANCE_SIGMA)
-    eps_img = denoise(patched, x, negative[0][0], sigma=GUIDANCE_SIGMA)
-    eps_u = denoise(base, x, negative[0][0], sigma=GUIDANCE_SIGMA)
-    expected = eps_u + text_scale * (eps_c - eps_img) + image_scale * (eps_img - eps_u)
+    expected, _ = three_prediction_formula(base, patched, noise, positive, negative, text_scale, image_scale)
     assert (guided - expected).abs().max().item() <= 1e-4
 
 
