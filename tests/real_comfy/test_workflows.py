@@ -5,7 +5,8 @@ machine (about 2.7 GB on disk). They are linked into a temporary ComfyUI models 
 names the workflows use, so each API workflow runs as shipped except for its size. The test runs
 64x64-pixel images (8x8 latents), 2 steps and 64-pixel references. Only the save-then-load graph
 keeps its 512-pixel reference, to check the size of a full cache. The UI-format files are checked
-against their API copies with the nodes' own INPUT_TYPES.
+against their API copies with the nodes' own INPUT_TYPES. The ComfyUI nodes that the workflows use
+from ``comfy_extras`` (custom sampling, masks) are loaded as ComfyUI loads them at start-up.
 """
 
 import asyncio
@@ -34,24 +35,33 @@ import checkpoint_factory
 from dreamcache_core.adapter_io import load_adapter
 from dreamcache_core.cache import load_cache
 from dreamcache_core.comfy_folders import ADAPTER_EXTENSIONS, ADAPTER_FOLDER, CACHE_EXTENSIONS, CACHE_FOLDER
+from dreamcache_core.comfy_patch import ImageGuidance, find_patch
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKFLOW_DIR = REPO_ROOT / "workflows"
-REFERENCE_IMAGE = REPO_ROOT / "examples" / "dog_reference.jpg"
+EXAMPLES_DIR = REPO_ROOT / "examples"
 PACK_MODULE_NAME = "ComfyUI-DreamCache"
 
 # File names the shipped workflows load. The test tree links the generated assets under them.
 CHECKPOINT_NAME = "v2-1_512-ema-pruned.safetensors"
 ADAPTER_NAME = "dreamcache_sd21.safetensors"
-REFERENCE_NAME = "dog_reference.jpg"
+REFERENCE_NAMES = ("dog_reference.jpg", "dog_reference_2.jpg", "cat_reference.jpg")
+# ComfyUI's own node files, from comfy_extras, that define the custom-sampling and mask nodes.
+EXTRA_NODE_FILES = ("nodes_custom_sampler.py", "nodes_mask.py")
+# Node types that only the frontend knows. They are saved in the UI format and left out of the API format.
+FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}
 
 # Each workflow and the test that runs it. A new workflow file fails test_every_workflow_is_run.
 RUN_BY = {"dreamcache_basic": "test_basic_workflow_writes_image",
           "dreamcache_side_by_side": "test_side_by_side_images_differ",
           "dreamcache_save_then_load": "test_saved_cache_of_512_reference",
-          "dreamcache_load_cache": "test_load_cache_round_trips"}
+          "dreamcache_load_cache": "test_load_cache_round_trips",
+          "dreamcache_image_guidance": "test_image_guidance_sets_scale",
+          "dreamcache_dual_cfg": "test_dual_cfg_guider_runs",
+          "dreamcache_two_subjects_masks": "test_two_subjects_use_masks",
+          "dreamcache_multi_reference": "test_multi_reference_concat_tokens"}
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 # Widgets the frontend adds after an INT seed and after an image-upload combo. The API format omits them.
@@ -68,6 +78,8 @@ FULL_SIZE_TOKENS = {"middle_block.1": 64, "output_blocks.4.1": 256, "output_bloc
 FULL_SIZE_CHANNELS = {"middle_block.1": 1280, "output_blocks.4.1": 1280, "output_blocks.6.1": 640,
                       "output_blocks.8.1": 640, "output_blocks.10.1": 320}
 FULL_SIZE_CACHE_BYTES = 6_062_080
+# Memory tokens per layer of one 64-pixel reference (an 8x8 latent) in FULL_SIZE_TOKENS order.
+TEST_REFERENCE_TOKENS = [1, 4, 16, 16, 64]
 
 
 class RecordingServer:
@@ -140,12 +152,21 @@ def import_pack():
     return module
 
 
+def load_extra_nodes() -> None:
+    """Register ComfyUI's ``comfy_extras`` node files in EXTRA_NODE_FILES, as ComfyUI does at start-up."""
+    extras_dir = pathlib.Path(nodes.__file__).resolve().parent / "comfy_extras"
+    for file_name in EXTRA_NODE_FILES:
+        loaded = asyncio.run(nodes.load_custom_node(str(extras_dir / file_name), module_parent="comfy_extras"))
+        assert loaded, f"ComfyUI failed to load comfy_extras/{file_name}"
+
+
 @pytest.fixture(scope="module")
 def pack():
-    """The imported pack, with its nodes registered in ComfyUI's NODE_CLASS_MAPPINGS for this module."""
+    """The imported pack and ComfyUI's extra nodes, registered in NODE_CLASS_MAPPINGS for this module."""
     saved_folders = copy.deepcopy(folder_paths.folder_names_and_paths)
     saved_classes = dict(nodes.NODE_CLASS_MAPPINGS)
     saved_names = dict(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    load_extra_nodes()
     module = import_pack()
     nodes.NODE_CLASS_MAPPINGS.update(module.NODE_CLASS_MAPPINGS)
     nodes.NODE_DISPLAY_NAME_MAPPINGS.update(module.NODE_DISPLAY_NAME_MAPPINGS)
@@ -160,14 +181,15 @@ def pack():
 
 @pytest.fixture(scope="module")
 def comfy_tree(tmp_path_factory, pack):
-    """A ComfyUI models/input/output tree with the generated checkpoint, adapter and reference image."""
+    """A ComfyUI models/input/output tree with the generated checkpoint, adapter and reference images."""
     root = tmp_path_factory.mktemp("comfy")
     folders = {name: root / "models" / name for name in ("checkpoints", ADAPTER_FOLDER, CACHE_FOLDER)}
     for folder in list(folders.values()) + [root / "input", root / "output"]:
         folder.mkdir(parents=True)
     (folders["checkpoints"] / CHECKPOINT_NAME).symlink_to(checkpoint_factory.ensure_sd21_checkpoint())
     (folders[ADAPTER_FOLDER] / ADAPTER_NAME).symlink_to(checkpoint_factory.ensure_sd2_adapter())
-    shutil.copyfile(REFERENCE_IMAGE, root / "input" / REFERENCE_NAME)
+    for image_name in REFERENCE_NAMES:
+        shutil.copyfile(EXAMPLES_DIR / image_name, root / "input" / image_name)
 
     saved_folders = copy.deepcopy(folder_paths.folder_names_and_paths)
     saved_input, saved_output = folder_paths.get_input_directory(), folder_paths.get_output_directory()
@@ -213,7 +235,7 @@ def shrunk(prompt: dict, reference_resolution: int | None = TEST_REFERENCE_RESOL
         inputs = node["inputs"]
         if node["class_type"] == "EmptyLatentImage":
             inputs["width"] = inputs["height"] = TEST_LATENT_PIXELS
-        elif node["class_type"] == "KSampler":
+        elif node["class_type"] in ("KSampler", "BasicScheduler"):
             inputs["steps"] = TEST_STEPS
         elif node["class_type"] == "DreamCacheBuild" and reference_resolution is not None:
             inputs["resolution"] = reference_resolution
@@ -296,10 +318,11 @@ def test_ui_workflow_matches_api_copy(name, pack):
     ui = read_json(WORKFLOW_DIR / f"{name}.json")
     api = read_json(WORKFLOW_DIR / f"{name}.api.json")
     assert ui["version"] == 0.4
-    assert {str(node["id"]) for node in ui["nodes"]} == set(api)
+    graph_nodes = [node for node in ui["nodes"] if node["type"] not in FRONTEND_ONLY_NODES]
+    assert {str(node["id"]) for node in graph_nodes} == set(api)
 
     links = {link[0]: link for link in ui["links"]}
-    for node in ui["nodes"]:
+    for node in graph_nodes:
         node_id = str(node["id"])
         assert node["type"] == api[node_id]["class_type"], f"node {node_id}"
         node_class = nodes.NODE_CLASS_MAPPINGS[node["type"]]
@@ -335,6 +358,7 @@ def test_workflow_node_types_exist(name, pack):
     api = read_json(WORKFLOW_DIR / f"{name}.api.json")
     ui = read_json(WORKFLOW_DIR / f"{name}.json")
     used = {node["class_type"] for node in api.values()} | {node["type"] for node in ui["nodes"]}
+    used -= FRONTEND_ONLY_NODES
     assert {node_type for node_type in used if not node_type.startswith("DreamCache")} <= comfy_types
     assert {node_type for node_type in used if node_type.startswith("DreamCache")} <= set(pack.NODE_CLASS_MAPPINGS)
 
@@ -347,6 +371,10 @@ def test_shipped_workflow_defaults(name):
     for node_id in node_ids_of(api, "KSampler"):
         assert api[node_id]["inputs"]["steps"] == 30
         assert api[node_id]["inputs"]["cfg"] == 7.5
+    for node_id in node_ids_of(api, "BasicScheduler"):
+        assert api[node_id]["inputs"]["steps"] == 30
+    for node_id in node_ids_of(api, "DualCFGGuider"):
+        assert api[node_id]["inputs"]["cfg_conds"] == 7.5
     for node_id in node_ids_of(api, "DreamCacheBuild"):
         assert api[node_id]["inputs"]["resolution"] == 512
 
@@ -411,7 +439,7 @@ def test_basic_workflow_writes_image(executor, comfy_tree):
     check_decoded_image(executor, node_ids_of(prompt, "VAEDecode")[0])
 
     cache = node_output(executor, node_ids_of(prompt, "DreamCacheBuild")[0])
-    assert [cache.tokens(path) for path in FULL_SIZE_TOKENS] == [1, 4, 16, 16, 64]
+    assert [cache.tokens(path) for path in FULL_SIZE_TOKENS] == TEST_REFERENCE_TOKENS
 
 
 def test_side_by_side_images_differ(executor, comfy_tree):
@@ -478,3 +506,106 @@ def test_load_cache_round_trips(saved_cache_run, executor, comfy_tree):
     (image,) = saved_images(history, save_id, comfy_tree / "output")
     assert image.std() > 0.01
     check_decoded_image(executor, node_ids_of(prompt, "VAEDecode")[0])
+
+
+def upstream_prompt(prompt: dict, output_id: str) -> dict:
+    """Return the nodes of ``prompt`` that ``output_id`` depends on, itself included."""
+    kept, pending = {}, [output_id]
+    while pending:
+        node_id = pending.pop()
+        if node_id in kept:
+            continue
+        kept[node_id] = prompt[node_id]
+        pending.extend(value[0] for value in prompt[node_id]["inputs"].values() if isinstance(value, list))
+    return kept
+
+
+def run_single_image(prompt_executor, prompt: dict, output_dir: pathlib.Path) -> np.ndarray:
+    """Run a prompt with one SaveImage and one VAEDecode, check the decoded image and return the saved one."""
+    outputs, history = run_prompt(prompt_executor, prompt)
+    (save_id,) = node_ids_of(prompt, "SaveImage")
+    assert outputs == [save_id]
+    (image,) = saved_images(history, save_id, output_dir)
+    assert image.std() > 0.01
+    check_decoded_image(prompt_executor, node_ids_of(prompt, "VAEDecode")[0])
+    return image
+
+
+def test_image_guidance_sets_scale(executor, comfy_tree):
+    prompt = shrunk(read_json(WORKFLOW_DIR / "dreamcache_image_guidance.api.json"))
+    (apply_id,) = node_ids_of(prompt, "DreamCacheApply")
+    (sampler_id,) = node_ids_of(prompt, "KSampler")
+    assert prompt[apply_id]["inputs"]["image_scale"] == 0.4
+    assert prompt[sampler_id]["inputs"]["cfg"] == 7.5
+    run_single_image(executor, prompt, comfy_tree / "output")
+
+    model = node_output(executor, apply_id)
+    guidance = model.model_options.get("sampler_calc_cond_batch_function")
+    assert isinstance(guidance, ImageGuidance)
+    assert guidance.image_scale == pytest.approx(0.4)
+
+
+def test_dual_cfg_guider_runs(executor, comfy_tree):
+    prompt = shrunk(read_json(WORKFLOW_DIR / "dreamcache_dual_cfg.api.json"))
+    (apply_id,) = node_ids_of(prompt, "DreamCacheApply")
+    (guider_id,) = node_ids_of(prompt, "DualCFGGuider")
+    guider_inputs = prompt[guider_id]["inputs"]
+    assert guider_inputs["model"] == [apply_id, 0]
+    assert guider_inputs["cond2"] == guider_inputs["negative"]
+    assert guider_inputs["cond1"] != guider_inputs["cond2"]
+    run_single_image(executor, prompt, comfy_tree / "output")
+
+    # image_scale 1 leaves ComfyUI's batching alone, so the guider's cfg_cond2_negative is the image scale.
+    model = node_output(executor, apply_id)
+    assert "sampler_calc_cond_batch_function" not in model.model_options
+    assert len(find_patch(model).subjects) == 1
+    guider = node_output(executor, guider_id)
+    assert type(guider).__name__ == "Guider_DualCFG"
+    assert (guider.cfg1, guider.cfg2, guider.nested) == (7.5, 0.4, False)
+
+
+def test_two_subjects_use_masks(executor, comfy_tree):
+    prompt = shrunk(read_json(WORKFLOW_DIR / "dreamcache_two_subjects_masks.api.json"))
+    applies = node_ids_of(prompt, "DreamCacheApply")
+    assert len(applies) == 2
+    assert prompt[applies[1]]["inputs"]["model"] == [applies[0], 0]
+    personalized = run_single_image(executor, prompt, comfy_tree / "output")
+
+    builds = node_ids_of(prompt, "DreamCacheBuild")
+    assert sorted(node_output(executor, build_id).info["label"] for build_id in builds) == ["cat", "dog"]
+    assert len(find_patch(node_output(executor, applies[1])).subjects) == 2
+
+    halves = []
+    for apply_id in applies:
+        mask_id = prompt[apply_id]["inputs"]["attn_mask"][0]
+        mask = node_output(executor, mask_id)
+        assert tuple(mask.shape[-2:]) == (512, 512)
+        halves.append((float(mask[..., :256].mean()), float(mask[..., 256:].mean())))
+    assert halves == [(1.0, 0.0), (0.0, 1.0)]
+
+    # The same graph with the KSampler on the checkpoint's MODEL, keeping only the nodes it needs.
+    (sampler_id,) = node_ids_of(prompt, "KSampler")
+    checkpoint_id = prompt[applies[0]]["inputs"]["model"][0]
+    plain = copy.deepcopy(prompt)
+    plain[sampler_id]["inputs"]["model"] = [checkpoint_id, 0]
+    plain = upstream_prompt(plain, node_ids_of(prompt, "SaveImage")[0])
+    assert not node_ids_of(plain, "DreamCacheApply")
+    with fresh_executor() as plain_executor:
+        unpatched = run_single_image(plain_executor, plain, comfy_tree / "output")
+
+    difference = np.abs(personalized - unpatched).mean()
+    assert difference > 1.0 / 255.0, f"two-subject and plain images differ by only {difference:.5f}"
+
+
+def test_multi_reference_concat_tokens(executor, comfy_tree):
+    prompt = shrunk(read_json(WORKFLOW_DIR / "dreamcache_multi_reference.api.json"))
+    (build_id,) = node_ids_of(prompt, "DreamCacheBuild")
+    (batch_id,) = node_ids_of(prompt, "ImageBatch")
+    assert prompt[build_id]["inputs"]["reference_mode"] == "concat"
+    assert prompt[build_id]["inputs"]["image"] == [batch_id, 0]
+    run_single_image(executor, prompt, comfy_tree / "output")
+
+    assert node_output(executor, batch_id).shape == (2, 512, 512, 3)
+    cache = node_output(executor, build_id)
+    assert cache.items == 1
+    assert [cache.tokens(path) for path in FULL_SIZE_TOKENS] == [2 * tokens for tokens in TEST_REFERENCE_TOKENS]
