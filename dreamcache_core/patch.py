@@ -44,10 +44,9 @@ ATTN1_STASH_KEY = "dreamcache_attn1_output"
 class Subject:
     """One cache applied with one adapter.
 
-    ``sigma_window`` is (sigma_max, sigma_min): memory acts on samples whose sigma lies in it.
-    ``None`` means every sigma; the sampling wrapper resolves start/end percents to sigmas
-    against the model_sampling that samples. ``mask`` is an optional ``M x H x W`` tensor in
-    [0, 1], M = 1 or one per latent of a batch.
+    ``start_percent`` and ``end_percent`` bound the part of the schedule where memory acts. The
+    sampling wrapper turns them into a (sigma_max, sigma_min) window with the model_sampling that
+    samples. ``mask`` is an optional ``M x H x W`` tensor in [0, 1], M = 1 or one per latent.
     """
 
     adapter: DreamCacheAdapter
@@ -152,6 +151,8 @@ class DreamCachePatch:
 
     def attn1_output(self, attn1_out: torch.Tensor, extra_options: dict) -> torch.Tensor:
         """Keep the self-attention output for :meth:`middle` in this block call's options; return it unchanged."""
+        # NOTE: middle() recovers x as (x + a) - a. An attn1_output_patch that another pack adds
+        # after this one and that changes a would make that x wrong; none of the common packs do.
         if (extra_options.get("block"), extra_options.get("block_index", 0)) in self.blocks:
             extra_options[ATTN1_STASH_KEY] = attn1_out
         return attn1_out
