@@ -1,6 +1,8 @@
 """Model folders of this pack in ComfyUI: ``models/dreamcache`` (adapters) and ``models/dreamcache_caches``.
 
-Folders added by ``extra_model_paths.yaml`` under the same names are kept.
+Folders added by ``extra_model_paths.yaml`` under the same names are kept and come first, so Save
+DreamCache writes to a cache folder configured there (an encrypted volume, say) rather than to
+``models/dreamcache_caches``.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")
 
 
 def register_folders() -> None:
-    """Add the default folders (first in the search order) and set the file extensions each lists."""
+    """Add the default folders after any configured ones and set the file extensions each lists."""
     import folder_paths
 
     for name, extensions in ((ADAPTER_FOLDER, ADAPTER_EXTENSIONS), (CACHE_FOLDER, CACHE_EXTENSIONS)):
         default = os.path.join(folder_paths.models_dir, name)
-        folder_paths.add_model_folder_path(name, default, is_default=True)
+        folder_paths.add_model_folder_path(name, default, is_default=False)
         paths, current = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, set(current) | extensions)
 
@@ -45,7 +47,10 @@ def validate_cache_name(name: str) -> str:
 
 
 def cache_save_path(name: str, overwrite: bool) -> str:
-    """Return where Save DreamCache writes ``name``: the first cache folder, numbered when the name is taken."""
+    """Return where Save DreamCache writes ``name``: the first cache folder, numbered when the name is taken.
+
+    The first folder is the first ``dreamcache_caches`` entry of extra_model_paths.yaml, if any.
+    """
     import folder_paths
 
     stem = validate_cache_name(name)

@@ -157,8 +157,8 @@ def set_image_guidance(model_patcher, image_scale: float) -> None:
         if image_scale != 1.0:
             raise DreamCacheMismatchError(
                 f"image_scale {image_scale} needs ComfyUI's sampler_calc_cond_batch_function, which another node "
-                "already set on this model. Use image_scale 1 with a DualCFGGuider instead (cfg1 = text scale, "
-                "cfg2 = image scale).")
+                "already set on this model. Use image_scale 1 with a DualCFGGuider instead (cfg_conds = text "
+                "scale, cfg_cond2_negative = image scale).")
         return
 
     if image_scale == 1.0:

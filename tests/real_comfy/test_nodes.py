@@ -18,7 +18,8 @@ from tiny_models import (max_abs_difference, model_inputs, random_adapter, rando
                          tiny_vae)
 
 PACK_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-NODE_IDS = ("DreamCacheAdapterLoader", "DreamCacheBuild", "DreamCacheSave", "DreamCacheLoad", "DreamCacheApply")
+NODE_IDS = ("DreamCacheAdapterLoader", "DreamCacheBuild", "DreamCacheSave", "DreamCacheLoad", "DreamCacheApply",
+            "DreamCacheCombine")
 PACK_FOLDERS = ("dreamcache", "dreamcache_caches")
 
 
@@ -52,7 +53,7 @@ def pack(tmp_path, monkeypatch):
                                  extra_adapters=extra_adapters, root=tmp_path)
 
 
-def test_pack_registers_five_nodes(pack):
+def test_pack_registers_six_nodes(pack):
     for node_id in NODE_IDS:
         node_class = pack.classes[node_id]
         assert node_class.CATEGORY == "DreamCache", node_id
@@ -81,9 +82,9 @@ def test_folders_keep_extra_path_and_list_files(pack):
     for name in ("dog.safetensors", "old.pt"):
         (pack.caches_dir / name).write_bytes(b"0")
 
+    # A folder from extra_model_paths.yaml comes before the pack's default.
     adapter_folders = folder_paths.get_folder_paths("dreamcache")
-    assert adapter_folders[0] == str(pack.adapters_dir)
-    assert str(pack.extra_adapters) in adapter_folders
+    assert adapter_folders == [str(pack.extra_adapters), str(pack.adapters_dir)]
     assert folder_paths.get_folder_paths("dreamcache_caches")[0] == str(pack.caches_dir)
 
     adapters = folder_paths.get_filename_list("dreamcache")
@@ -210,3 +211,58 @@ def test_build_save_load_apply_chain(pack):
     result = run_unet(patched, latent, sigma, context)
     assert torch.isfinite(result).all()
     assert max_abs_difference(result, run_unet(model, latent, sigma, context)) > 1e-3
+
+
+def test_save_uses_configured_cache_folder(tmp_path, monkeypatch):
+    """A dreamcache_caches folder from extra_model_paths.yaml is where Save DreamCache writes."""
+    import nodes as comfy_nodes
+
+    folders = {name: copy.deepcopy(entry) for name, entry in folder_paths.folder_names_and_paths.items()
+               if name not in PACK_FOLDERS}
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", folders)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.setattr(comfy_nodes, "NODE_CLASS_MAPPINGS", dict(comfy_nodes.NODE_CLASS_MAPPINGS))
+    monkeypatch.setattr(comfy_nodes, "NODE_DISPLAY_NAME_MAPPINGS", dict(comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS))
+    secure = tmp_path / "secure" / "caches"
+    secure.mkdir(parents=True)
+    folder_paths.add_model_folder_path("dreamcache_caches", str(secure), is_default=True)
+    assert asyncio.run(comfy_nodes.load_custom_node(PACK_DIR))
+
+    save = comfy_nodes.NODE_CLASS_MAPPINGS["DreamCacheSave"]()
+    save.save(random_cache(tiny_model(), tokens=12), "private", False)
+    assert (secure / "private.safetensors").is_file()
+    assert not (tmp_path / "models" / "dreamcache_caches" / "private.safetensors").exists()
+
+
+@pytest.mark.parametrize("language", ["en", "ja"])
+def test_locale_files_cover_every_input(pack, language):
+    """Every node, input and output has an entry in locales/<language>/nodeDefs.json."""
+    import json
+
+    with open(os.path.join(PACK_DIR, "locales", language, "nodeDefs.json"), encoding="utf-8") as handle:
+        definitions = json.load(handle)
+    for node_id in NODE_IDS:
+        node_class = pack.classes[node_id]
+        entry = definitions[node_id]
+        assert entry["display_name"].strip(), node_id
+        names = [name for section in ("required", "optional") for name in node_class.INPUT_TYPES().get(section, {})]
+        assert sorted(entry["inputs"]) == sorted(names), node_id
+        assert sorted(entry.get("outputs", {})) == [str(index) for index in range(len(node_class.RETURN_TYPES))]
+
+
+def test_english_locale_matches_code_tooltips(pack):
+    """The front end prefers locale text, so the English locale must repeat the tooltips in the code."""
+    import json
+
+    with open(os.path.join(PACK_DIR, "locales", "en", "nodeDefs.json"), encoding="utf-8") as handle:
+        definitions = json.load(handle)
+    for node_id in NODE_IDS:
+        node_class = pack.classes[node_id]
+        entry = definitions[node_id]
+        assert entry["description"] == node_class.DESCRIPTION, node_id
+        for section in ("required", "optional"):
+            for name, spec in node_class.INPUT_TYPES().get(section, {}).items():
+                assert entry["inputs"][name]["tooltip"] == spec[1]["tooltip"], f"{node_id}.{name}"
+        for index, tooltip in enumerate(getattr(node_class, "OUTPUT_TOOLTIPS", ())):
+            assert entry["outputs"][str(index)]["tooltip"] == tooltip, f"{node_id} output {index}"
