@@ -60,7 +60,7 @@ def shrink(prompt: dict) -> dict:
     for node in prompt.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"]["width"] = node["inputs"]["height"] = SMALL_PIXELS
-        elif node["class_type"] == "KSampler":
+        elif node["class_type"] in ("KSampler", "BasicScheduler"):
             node["inputs"]["steps"] = SMALL_STEPS
         elif node["class_type"] == "DreamCacheBuild":
             node["inputs"]["resolution"] = SMALL_PIXELS
