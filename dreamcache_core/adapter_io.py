@@ -36,7 +36,7 @@ ADAPTER_REBUILD_HINT = ("Use an adapter file downloaded from the DreamCache rele
 def stock_fingerprint(family: str, prediction: str = "eps") -> Fingerprint:
     """Return the fingerprint of the stock SD 1.x, SD 2.x or SDXL U-Net."""
     if family not in _STOCK_LAYOUTS:
-        raise DreamCacheMismatchError(f"Unknown family {family!r}; expected one of {sorted(_STOCK_LAYOUTS)}.")
+        raise DreamCacheMismatchError(f"Unknown family {family!r}. Use one of {sorted(_STOCK_LAYOUTS)}.")
     model_channels, channel_mult, context_dim = _STOCK_LAYOUTS[family]
     return Fingerprint(family=family, context_dim=context_dim, prediction=prediction,
                        layers=memory_layers(family, model_channels, channel_mult))
@@ -89,8 +89,12 @@ def load_released_adapter(path: str, family: str = "sd2", prediction: str = "eps
     except FileNotFoundError:
         raise DreamCacheFileError(f"Adapter file not found: {path!r}.") from None
     except Exception as error:  # torch raises several types for corrupt or unsafe pickles
+        # torch's own message suggests retrying with weights_only=False, which would run the
+        # pickle's code, so only the error type is passed on.
         raise DreamCacheFileError(
-            f"Cannot read adapter {path!r} as a weights-only PyTorch file: {error}. {ADAPTER_REBUILD_HINT}") from error
+            f"Cannot read adapter {path!r} as a weights-only PyTorch file ({type(error).__name__}): it is corrupt, or "
+            "it holds Python objects other than tensors, which this pack never unpickles. Use the released "
+            "cross_attention-*.pt file or an adapter .safetensors file.") from None
 
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise DreamCacheFileError(

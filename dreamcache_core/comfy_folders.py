@@ -11,7 +11,7 @@ import logging
 import os
 import re
 
-from .errors import DreamCacheMismatchError
+from .errors import DreamCacheInputError
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,10 @@ ADAPTER_EXTENSIONS = {".safetensors", ".pt", ".pth"}
 CACHE_EXTENSIONS = {".safetensors"}
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]*$")
+
+# Leaves room for the numbering suffix, the extension and the temporary-file prefix within the
+# 255-byte file name limit of common file systems.
+MAX_NAME_LENGTH = 200
 
 
 def register_folders() -> None:
@@ -34,13 +38,32 @@ def register_folders() -> None:
         folder_paths.folder_names_and_paths[name] = (paths, set(current) | extensions)
 
 
+def file_change_token(folder_name: str, file_name: str) -> str | float:
+    """Return a token that changes when the file is rewritten (mtime and size), for a node's IS_CHANGED.
+
+    A missing file returns NaN, which never equals itself, so ComfyUI runs the node and its loader
+    reports the missing file.
+    """
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder_name, file_name)
+    if path is None or not os.path.exists(path):
+        return float("nan")
+    status = os.stat(path)
+    return f"{status.st_mtime_ns}:{status.st_size}"
+
+
 def validate_cache_name(name: str) -> str:
     """Return ``name`` without a ``.safetensors`` suffix, or raise if it could leave the cache folder."""
     stem = name.strip()
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
+    if len(stem) > MAX_NAME_LENGTH:
+        raise DreamCacheInputError(
+            f"Cache name {stem[:40]!r}... is invalid: it has {len(stem)} characters, the limit is {MAX_NAME_LENGTH}. "
+            "Use a shorter name such as 'my_dog'.")
     if not stem or "/" in stem or "\\" in stem or ".." in stem or os.path.isabs(stem) or not _SAFE_NAME.match(stem):
-        raise DreamCacheMismatchError(
+        raise DreamCacheInputError(
             f"Cache name {name!r} is invalid: use letters, digits, spaces, '_', '-' or '.', starting with a letter or "
             "digit, with no path separators and no '..'. Example: 'my_dog'.")
     return stem
@@ -62,6 +85,6 @@ def cache_save_path(name: str, overwrite: bool) -> str:
     for counter in range(1, 100000):
         numbered = os.path.join(folder, f"{stem}_{counter:05d}.safetensors")
         if not os.path.exists(numbered):
-            logger.info("DreamCache %s exists; saving as %s", path, numbered)
+            logger.info("DreamCache %s exists, so the cache is saved as %s", path, numbered)
             return numbered
-    raise DreamCacheMismatchError(f"Too many caches named {stem!r}; pick another name.")
+    raise DreamCacheInputError(f"Too many caches named {stem!r}. Pick another name.")

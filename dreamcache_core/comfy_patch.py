@@ -88,11 +88,11 @@ def apply_dreamcache(model_patcher, adapter: DreamCacheAdapter, cache: SubjectCa
     replaces the earlier one, because image guidance applies to the whole model.
     """
     check_adapter_fits(model_patcher, adapter)
-    check_cache_fits(model_patcher, cache)
+    check_cache_fits(model_patcher, cache, source=f"cache '{cache.info.get('label') or 'unlabelled'}'")
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise DreamCacheMismatchError(
             f"start_percent {start_percent} and end_percent {end_percent} are invalid. "
-            "use 0 <= start_percent <= end_percent <= 1.")
+            "Use 0 <= start_percent <= end_percent <= 1.")
 
     subject = Subject(adapter=adapter, cache=cache, strength=float(strength), start_percent=float(start_percent),
                       end_percent=float(end_percent), mask=mask)

@@ -9,5 +9,9 @@ class DreamCacheMismatchError(DreamCacheError, ValueError):
     """A cache, an adapter or an input does not fit the model or the other inputs."""
 
 
+class DreamCacheInputError(DreamCacheError, ValueError):
+    """A node input or argument has an invalid value, such as a file name that could leave its folder."""
+
+
 class DreamCacheFileError(DreamCacheError, ValueError):
     """A file is missing, truncated, corrupt or not in the expected format."""

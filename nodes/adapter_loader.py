@@ -3,7 +3,7 @@
 import folder_paths
 
 from dreamcache_core.adapter_io import load_adapter
-from dreamcache_core.comfy_folders import ADAPTER_FOLDER
+from dreamcache_core.comfy_folders import ADAPTER_FOLDER, file_change_token
 
 
 class DreamCacheAdapterLoader:
@@ -21,6 +21,11 @@ class DreamCacheAdapterLoader:
                 "tooltip": "Adapter file in models/dreamcache. A released .pt file is read as an SD 2.1-base "
                            "(epsilon) adapter; every key and shape is checked."}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, adapter_name):
+        # A re-converted or re-trained adapter saved under the same name is read again.
+        return file_change_token(ADAPTER_FOLDER, adapter_name)
 
     def load(self, adapter_name):
         path = folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name)

@@ -1,11 +1,9 @@
 """Load DreamCache: a saved subject cache, re-read when the file changes on disk."""
 
-import os
-
 import folder_paths
 
 from dreamcache_core.cache import load_cache
-from dreamcache_core.comfy_folders import CACHE_FOLDER
+from dreamcache_core.comfy_folders import CACHE_FOLDER, file_change_token
 
 
 class DreamCacheLoad:
@@ -25,11 +23,7 @@ class DreamCacheLoad:
 
     @classmethod
     def IS_CHANGED(cls, cache_name):
-        path = folder_paths.get_full_path(CACHE_FOLDER, cache_name)
-        if path is None or not os.path.exists(path):
-            return float("nan")
-        status = os.stat(path)
-        return f"{status.st_mtime_ns}:{status.st_size}"
+        return file_change_token(CACHE_FOLDER, cache_name)
 
     def load(self, cache_name):
         path = folder_paths.get_full_path_or_raise(CACHE_FOLDER, cache_name)

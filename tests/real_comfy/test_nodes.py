@@ -13,7 +13,7 @@ import folder_paths
 
 from dreamcache_core.cache import load_cache
 from dreamcache_core.comfy_patch import find_patch
-from dreamcache_core.errors import DreamCacheMismatchError
+from dreamcache_core.errors import DreamCacheInputError, DreamCacheMismatchError
 from tiny_models import (max_abs_difference, model_inputs, random_adapter, random_cache, run_unet, tiny_model,
                          tiny_vae)
 
@@ -131,7 +131,7 @@ def test_save_never_overwrites_silently(pack):
 def test_save_rejects_path_names(pack, name):
     cache = random_cache(tiny_model())
 
-    with pytest.raises(DreamCacheMismatchError, match=r"Cache name .* is invalid: .*no path separators and no '\.\.'"):
+    with pytest.raises(DreamCacheInputError, match=r"Cache name .* is invalid: .*no path separators and no '\.\.'"):
         pack.classes["DreamCacheSave"]().save(cache, name, False)
     written = [os.path.join(folder, file) for folder, _, files in os.walk(pack.root) for file in files]
     assert written == []
@@ -169,6 +169,30 @@ def test_load_is_changed_on_rewrite(pack):
     assert load.IS_CHANGED("subject.safetensors") != resized
 
     assert math.isnan(load.IS_CHANGED("missing.safetensors"))
+
+
+def test_adapter_loader_rereads_rewritten_file(pack):
+    from dreamcache_core.adapter_io import save_adapter
+
+    model = tiny_model()
+    loader = pack.classes["DreamCacheAdapterLoader"]
+    pack.adapters_dir.mkdir(parents=True, exist_ok=True)
+    path = pack.adapters_dir / "tiny.safetensors"
+    save_adapter(str(path), random_adapter(model, seed=1))
+    first = loader.IS_CHANGED("tiny.safetensors")
+    assert loader.IS_CHANGED("tiny.safetensors") == first
+
+    replacement = random_adapter(model, seed=2)
+    save_adapter(str(path), replacement)
+    status = os.stat(path)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
+    assert loader.IS_CHANGED("tiny.safetensors") != first
+
+    (loaded,) = loader().load("tiny.safetensors")
+    expected = replacement.released_state_dict()
+    for key, tensor in loaded.released_state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+    assert math.isnan(loader.IS_CHANGED("missing.safetensors"))
 
 
 def test_apply_node_with_masks(pack):

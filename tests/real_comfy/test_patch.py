@@ -274,11 +274,11 @@ def _made_for(family: str, prediction: str = "eps"):
 
 
 @pytest.mark.parametrize("model_family, cache_family, cache_prediction, expected", [
-    ("sd2", "sd1", "eps", r"cache was made for sd1 .* but the model is sd2 .*family sd1 vs sd2"),
-    ("sd1", "sd2", "eps", r"cache was made for sd2 .* but the model is sd1 .*family sd2 vs sd1"),
-    ("sd2", "sdxl", "eps", r"cache was made for sdxl .* but the model is sd2 .*family sdxl vs sd2"),
-    ("sdxl", "sd2", "eps", r"cache was made for sd2 .* but the model is sdxl .*family sd2 vs sdxl"),
-    ("sd2", "sd2", "v", r"cache was made for sd2 .*v-prediction.* but the model is sd2 .*prediction v vs eps"),
+    ("sd2", "sd1", "eps", r"cache 'tiny' was made for sd1 .* but the model is sd2 .*family sd1 vs sd2"),
+    ("sd1", "sd2", "eps", r"cache 'tiny' was made for sd2 .* but the model is sd1 .*family sd2 vs sd1"),
+    ("sd2", "sdxl", "eps", r"cache 'tiny' was made for sdxl .* but the model is sd2 .*family sdxl vs sd2"),
+    ("sdxl", "sd2", "eps", r"cache 'tiny' was made for sd2 .* but the model is sdxl .*family sd2 vs sdxl"),
+    ("sd2", "sd2", "v", r"cache 'tiny' was made for sd2 .*v-prediction.* but the model is sd2 .*prediction v vs eps"),
 ])
 def test_cache_for_other_model_raises(model_family, cache_family, cache_prediction, expected):
     model = tiny_model(model_family)

@@ -7,15 +7,21 @@ import pytest
 import torch
 
 from dreamcache_core import comfy_folders
-from dreamcache_core.errors import DreamCacheMismatchError
+from dreamcache_core.errors import DreamCacheInputError, DreamCacheMismatchError
 from dreamcache_core.masks import normalize_mask
 
 
 @pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "../x", "/abs", "", "   ", ".hidden", "x..y",
                                   "C:\\caches\\dog", ".safetensors"])
 def test_cache_name_rejected(name):
-    with pytest.raises(DreamCacheMismatchError, match=r"Cache name .* is invalid.*Example: 'my_dog'"):
+    with pytest.raises(DreamCacheInputError, match=r"Cache name .* is invalid.*Example: 'my_dog'"):
         comfy_folders.validate_cache_name(name)
+
+
+def test_cache_name_too_long_rejected():
+    with pytest.raises(DreamCacheInputError, match=r"is invalid: it has 300 characters, the limit is 200"):
+        comfy_folders.validate_cache_name("x" * 300)
+    assert comfy_folders.validate_cache_name("x" * 200) == "x" * 200
 
 
 @pytest.mark.parametrize("name, stem", [("my_dog", "my_dog"), ("dog.v2", "dog.v2"), ("my dog-2", "my dog-2"),
@@ -64,7 +70,7 @@ def test_save_path_overwrite_reuses_name(cache_folder):
 
 
 def test_save_path_rejects_escape(cache_folder):
-    with pytest.raises(DreamCacheMismatchError, match=r"Cache name '\.\./outside' is invalid"):
+    with pytest.raises(DreamCacheInputError, match=r"Cache name '\.\./outside' is invalid"):
         comfy_folders.cache_save_path("../outside", overwrite=False)
     assert not cache_folder.exists()
 
