@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 
 import numpy as np
@@ -46,18 +47,32 @@ class TrainResult:
 
 
 class ProgressLog:
-    """Log one progress line every ``every`` steps: step, mean loss since the last line, samples/s, ETA."""
+    """Report progress: a bar redrawn every step on a terminal, and a log line every ``every`` steps.
 
-    def __init__(self, start_step: int, max_steps: int, global_batch: int, every: int):
+    Both show the step, the mean loss since the last log line, samples/s and the ETA. The bar is
+    drawn only when ``bar_stream`` is given (the CLI passes stderr when it is a terminal), so
+    log files stay free of carriage returns.
+    """
+
+    def __init__(self, start_step: int, max_steps: int, global_batch: int, every: int, bar_stream=None):
+        self.start_step = start_step
         self.max_steps = max_steps
         self.global_batch = global_batch
         self.every = every
+        self.bar_stream = bar_stream
         self.window: list[float] = []
-        self.last_time = time.perf_counter()
+        self.start_time = self.last_time = time.perf_counter()
         self.last_step = start_step
 
     def update(self, step: int, loss: float) -> None:
         self.window.append(loss)
+        if self.bar_stream is not None:
+            elapsed = max(time.perf_counter() - self.start_time, 1e-9)
+            rate = (step - self.start_step) * self.global_batch / elapsed
+            remaining = (self.max_steps - step) * self.global_batch / max(rate, 1e-9)
+            line = progress_bar_line(step, self.max_steps, sum(self.window) / len(self.window), rate, remaining)
+            self.bar_stream.write("\r" + line + ("\n" if step == self.max_steps else ""))
+            self.bar_stream.flush()
         if not self.every or (step % self.every != 0 and step != self.max_steps):
             return
         now = time.perf_counter()
@@ -68,6 +83,13 @@ class ProgressLog:
         self.window.clear()
         self.last_time = now
         self.last_step = step
+
+
+def progress_bar_line(step: int, max_steps: int, loss: float, rate: float, remaining: float, width: int = 30) -> str:
+    """Return one progress-bar line, for example ``[######------] 120/200 loss 0.10231 3.20 samples/s ETA 0:00:25``."""
+    filled = width * step // max(max_steps, 1)
+    return (f"[{'#' * filled}{'-' * (width - filled)}] {step}/{max_steps} loss {loss:.5f} "
+            f"{rate:.2f} samples/s ETA {format_duration(remaining)}")
 
 
 def format_duration(seconds: float) -> str:
@@ -162,7 +184,9 @@ def run_training(config: TrainConfig, base: FrozenBase, text: TextConditioner,
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.micro_batch, sampler=sampler,
                                          num_workers=config.num_workers)
     objective = distributed.wrap(AdapterObjective(adapter, base), group, base.device)
-    progress = ProgressLog(start_step, config.max_steps, global_batch, config.log_every if group.is_main else 0)
+    bar_stream = sys.stderr if group.is_main and sys.stderr.isatty() else None
+    progress = ProgressLog(start_step, config.max_steps, global_batch, config.log_every if group.is_main else 0,
+                           bar_stream)
 
     losses: list[float] = []
     adapter_path = None
