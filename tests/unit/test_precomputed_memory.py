@@ -144,8 +144,9 @@ def test_keys_values_projected_once_per_run(monkeypatch):
         for block in BLOCKS:
             attn1_out = torch.randn(2, HEIGHT * WIDTH, CHANNELS, generator=generator)
             hidden = torch.randn(2, HEIGHT * WIDTH, CHANNELS, generator=generator) + attn1_out
-            extra = {"block": block, "block_index": 0, "n_heads": HEADS, "activations_shape": [2, CHANNELS, HEIGHT, WIDTH],
-                     "cond_or_uncond": [1, 0], "sigmas": torch.full((2,), sigma), RUN_STATE_KEY: run_state}
+            extra = {"block": block, "block_index": 0, "n_heads": HEADS,
+                     "activations_shape": [2, CHANNELS, HEIGHT, WIDTH], "cond_or_uncond": [1, 0],
+                     "sigmas": torch.full((2,), sigma), RUN_STATE_KEY: run_state}
             block_call(patch, hidden, attn1_out, extra)
     assert len(calls) == 2 * len(FINGERPRINT.layers)
 
