@@ -153,16 +153,14 @@ class DreamCachePatch:
         """Keep the self-attention output for :meth:`middle` in this block call's options; return it unchanged."""
         # NOTE: middle() recovers x as (x + a) - a. An attn1_output_patch that another pack adds
         # after this one and that changes a would make that x wrong; none of the common packs do.
-        if (extra_options.get("block"), extra_options.get("block_index", 0)) in self.blocks:
-            extra_options[ATTN1_STASH_KEY] = attn1_out
-        return attn1_out
+        return stash_attn1_output(attn1_out, extra_options, self.blocks, ATTN1_STASH_KEY)
 
     def middle(self, hidden: torch.Tensor, extra_options: dict) -> torch.Tensor:
         """Add every subject's memory term to ``hidden`` = x + a (B x N x C)."""
         attn1_out = extra_options.pop(ATTN1_STASH_KEY, None)
         if attn1_out is None:
             return hidden
-        block = (extra_options.get("block"), extra_options.get("block_index", 0))
+        block = block_key(extra_options)
 
         run = self._run_for(hidden, extra_options)
         subjects = run.blocks.get(block, ())
@@ -213,6 +211,22 @@ class DreamCachePatch:
         # Outside a sampling run (or on an unexpected device) prepare for this call only.
         logger.debug("DreamCache: preparing memory outside a sampling run for %s %s", hidden.device, hidden.dtype)
         return self.prepare(hidden.device, hidden.dtype)
+
+
+def block_key(extra_options: dict) -> tuple:
+    """Return (block, block_index), for example (("output", 4), 0), of the block ComfyUI is running."""
+    return (extra_options.get("block"), extra_options.get("block_index", 0))
+
+
+def stash_attn1_output(attn1_out: torch.Tensor, extra_options: dict, blocks, key: str) -> torch.Tensor:
+    """Keep a (B x N x C) under ``key`` in this block call's options when the block is in ``blocks``; return a.
+
+    ComfyUI hands the same ``extra_options`` dict to the block's attn1_output and middle patches
+    and makes a new one for every block call, so the value never outlives the call.
+    """
+    if block_key(extra_options) in blocks:
+        extra_options[key] = attn1_out
+    return attn1_out
 
 
 class RunState:

@@ -14,6 +14,7 @@ import torch
 
 from ..adapter import AdapterBlock, BlockWeights, DreamCacheAdapter, fused_residual_delta, memory_attention_output
 from ..adapter import memory_keys_values
+from ..patch import block_key, stash_attn1_output
 
 ATTN1_STASH_KEY = "dreamcache_train_attn1_output"
 
@@ -46,16 +47,14 @@ class TrainingPatch:
 
     def attn1_output(self, attn1_out: torch.Tensor, extra_options: dict) -> torch.Tensor:
         """Keep the self-attention output a for :meth:`middle`; return it unchanged."""
-        if (extra_options.get("block"), extra_options.get("block_index", 0)) in self.sites:
-            extra_options[ATTN1_STASH_KEY] = attn1_out
-        return attn1_out
+        return stash_attn1_output(attn1_out, extra_options, self.sites, ATTN1_STASH_KEY)
 
     def middle(self, hidden: torch.Tensor, extra_options: dict) -> torch.Tensor:
         """Return hidden + linear_cat([a ; m]) - a for ``hidden`` = x + a (B x N x C)."""
         attn1_out = extra_options.pop(ATTN1_STASH_KEY, None)
         if attn1_out is None:
             return hidden
-        site, module = self.sites[(extra_options.get("block"), extra_options.get("block_index", 0))]
+        site, module = self.sites[block_key(extra_options)]
         weights = live_block_weights(module, hidden.dtype)
         memory = self.memory[site.layer.path].to(device=hidden.device, dtype=hidden.dtype)
         keys, values = memory_keys_values(weights, memory)

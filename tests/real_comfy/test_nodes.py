@@ -23,12 +23,10 @@ NODE_IDS = ("DreamCacheAdapterLoader", "DreamCacheBuild", "DreamCacheSave", "Dre
 PACK_FOLDERS = ("dreamcache", "dreamcache_caches")
 
 
-@pytest.fixture
-def pack(tmp_path, monkeypatch):
-    """Load the pack with ComfyUI's custom-node loader, with ComfyUI's models folder under ``tmp_path``.
+def isolate_registries(tmp_path, monkeypatch):
+    """Point ComfyUI's models folder at ``tmp_path/models`` and give it fresh folder and node registries.
 
-    An extra adapter folder is registered before the pack loads, as extra_model_paths.yaml does
-    when ComfyUI starts. ComfyUI's folder and node registries are restored afterwards.
+    Returns ComfyUI's ``nodes`` module; monkeypatch restores everything after the test.
     """
     import nodes as comfy_nodes
 
@@ -40,7 +38,17 @@ def pack(tmp_path, monkeypatch):
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     monkeypatch.setattr(comfy_nodes, "NODE_CLASS_MAPPINGS", dict(comfy_nodes.NODE_CLASS_MAPPINGS))
     monkeypatch.setattr(comfy_nodes, "NODE_DISPLAY_NAME_MAPPINGS", dict(comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS))
+    return comfy_nodes
 
+
+@pytest.fixture
+def pack(tmp_path, monkeypatch):
+    """Load the pack with ComfyUI's custom-node loader, with ComfyUI's models folder under ``tmp_path``.
+
+    An extra adapter folder is registered before the pack loads, as extra_model_paths.yaml does
+    when ComfyUI starts. ComfyUI's folder and node registries are restored afterwards.
+    """
+    comfy_nodes = isolate_registries(tmp_path, monkeypatch)
     extra_adapters = tmp_path / "extra" / "dreamcache"
     extra_adapters.mkdir(parents=True)
     folder_paths.add_model_folder_path("dreamcache", str(extra_adapters))
@@ -239,15 +247,7 @@ def test_build_save_load_apply_chain(pack):
 
 def test_save_uses_configured_cache_folder(tmp_path, monkeypatch):
     """A dreamcache_caches folder from extra_model_paths.yaml is where Save DreamCache writes."""
-    import nodes as comfy_nodes
-
-    folders = {name: copy.deepcopy(entry) for name, entry in folder_paths.folder_names_and_paths.items()
-               if name not in PACK_FOLDERS}
-    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", folders)
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    monkeypatch.setattr(comfy_nodes, "NODE_CLASS_MAPPINGS", dict(comfy_nodes.NODE_CLASS_MAPPINGS))
-    monkeypatch.setattr(comfy_nodes, "NODE_DISPLAY_NAME_MAPPINGS", dict(comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS))
+    comfy_nodes = isolate_registries(tmp_path, monkeypatch)
     secure = tmp_path / "secure" / "caches"
     secure.mkdir(parents=True)
     folder_paths.add_model_folder_path("dreamcache_caches", str(secure), is_default=True)
