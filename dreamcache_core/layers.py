@@ -55,8 +55,8 @@ def memory_layers(family: str, model_channels: int, channel_mult: tuple[int, ...
     """Return the memory layers of a U-Net of ``family`` with the given base width and multipliers.
 
     The decoder block at ``output_blocks.i`` runs at the multiplier of encoder level
-    ``len(channel_mult) - 1 - i // (num_res_blocks + 1)``; with the stock layouts (two res blocks
-    per level, so three decoder blocks per level) that gives the levels in the tables above.
+    ``len(channel_mult) - 1 - i // (num_res_blocks + 1)``. The stock layouts have two res blocks per
+    level, so three decoder blocks per level, which gives the levels in the tables above.
     """
     if family in ("sd1", "sd2"):
         layout = _SD_LAYOUT
@@ -81,7 +81,7 @@ def memory_layers(family: str, model_channels: int, channel_mult: tuple[int, ...
 
 @dataclasses.dataclass(frozen=True)
 class Fingerprint:
-    """What a cache or an adapter was made for; checked before either is used on a model.
+    """Base model a cache or an adapter was made for, checked before either is used on a model.
 
     SD 1.5 and SD 2.1 have identical memory-layer widths, so the family, the text-context width
     and the prediction type are part of the fingerprint as well as the layer channels.
@@ -129,8 +129,8 @@ def family_from_config(context_dim: int, adm_in_channels: int | None) -> str:
 def check_fingerprint(expected: Fingerprint, found: Fingerprint, what: str, fix: str) -> None:
     """Raise DreamCacheMismatchError naming both fingerprints when ``found`` does not fit ``expected``.
 
-    ``what`` names the object that was checked (for example ``cache 'dog.safetensors'``) and
-    ``fix`` tells the user what to do.
+    ``what`` names the object that was checked (for example ``cache 'dog'``) and ``fix`` is the
+    instruction appended to the message.
     """
     problems = []
     if found.family != expected.family:

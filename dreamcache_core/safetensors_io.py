@@ -21,7 +21,7 @@ MAX_HEADER_BYTES = 100_000_000
 def read_safetensors(path: str, rebuild_hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor and the metadata of a ``.safetensors`` file, with errors that name the file.
 
-    ``rebuild_hint`` is appended to each error and tells the user how to get a good file.
+    ``rebuild_hint`` is appended to each error message as the fix.
     """
     try:
         with open(path, "rb") as handle:
