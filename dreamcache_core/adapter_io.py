@@ -82,7 +82,7 @@ def load_released_adapter(path: str, family: str = "sd2", prediction: str = "eps
 
     The file has no fingerprint, so the caller names the base model; the only released adapter
     is for SD 2.1-base (``sd2``, epsilon prediction). The file is read with
-    ``torch.load(weights_only=True)``, so a pickle that holds code is rejected, not run.
+    ``torch.load(weights_only=True)``, so a pickle that contains code is rejected, not run.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -87,7 +87,7 @@ def validate_cache(cache: SubjectCache, source: str) -> None:
                 f"{CACHE_REBUILD_HINT}")
         if not torch.is_floating_point(tensor) or not torch.isfinite(tensor).all():
             raise DreamCacheFileError(
-                f"Cache {source!r} layer {layer.path} holds non-finite or non-float values. {CACHE_REBUILD_HINT}")
+                f"Cache {source!r} layer {layer.path} contains non-finite or non-float values. {CACHE_REBUILD_HINT}")
 
 
 def save_cache(path: str, cache: SubjectCache) -> None:

@@ -61,21 +61,23 @@ def check_cache_fits(model_patcher, cache: SubjectCache, source: str = "cache") 
                       "Build the cache again with Build DreamCache on this model.")
 
 
+def patches_in(model_options: dict) -> dict[int, DreamCachePatch]:
+    """Return the DreamCache patches registered in ``model_options``, keyed by object id."""
+    patches = model_options.get("transformer_options", {}).get("patches", {})
+    owners = [getattr(patch, "__self__", None) for patch in patches.get("middle_patch", [])]
+    return {id(owner): owner for owner in owners if isinstance(owner, DreamCachePatch)}
+
+
 def find_patch(model_patcher) -> DreamCachePatch | None:
     """Return the DreamCache patch already on ``model_patcher``, if any."""
-    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
-    for patch in patches.get("middle_patch", []):
-        owner = getattr(patch, "__self__", None)
-        if isinstance(owner, DreamCachePatch):
-            return owner
-    return None
+    return next(iter(patches_in(model_patcher.model_options).values()), None)
 
 
 def _replace_patch(model_patcher, old: DreamCachePatch | None, new: DreamCachePatch) -> None:
     patches = model_patcher.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
     for name, method in (("attn1_output_patch", new.attn1_output), ("middle_patch", new.middle)):
-        current = [patch for patch in patches.get(name, []) if getattr(patch, "__self__", None) is not old or old is None]
-        patches[name] = current + [method]
+        kept = [patch for patch in patches.get(name, []) if old is None or getattr(patch, "__self__", None) is not old]
+        patches[name] = kept + [method]
 
 
 def apply_dreamcache(model_patcher, adapter: DreamCacheAdapter, cache: SubjectCache, strength: float = 1.0,
@@ -191,9 +193,7 @@ def sigma_windows(patch: DreamCachePatch, model_sampling) -> tuple:
 
 def prepare_run_state(model_patcher, model_options: dict) -> RunState | None:
     """Prepare every DreamCache patch in ``model_options`` for one sampling run on the model's device."""
-    patches = model_options.get("transformer_options", {}).get("patches", {})
-    owners = {id(patch.__self__): patch.__self__ for patch in patches.get("middle_patch", [])
-              if isinstance(getattr(patch, "__self__", None), DreamCachePatch)}
+    owners = patches_in(model_options)
     if not owners:
         return None
     device = model_patcher.load_device

@@ -1,10 +1,10 @@
 """Target and reference processing for adapter training, seeded per sample.
 
-The reference is the target image itself, re-processed: background painted white through the
-mask, cropped to the object's bounding box, rescaled to a random width in [0.7, 1] x resolution
-(aspect kept, height capped at the resolution), pasted at a random position on a white square
-canvas, flipped with p 0.5, colour-jittered with p 0.1 and given a white random-erasing box with
-p 0.4 (2-25 % of the area). Images are ``3 x H x W`` float tensors: pixels in [0, 1] until
+The reference is the target image itself, re-processed. Its background is painted white through
+the mask and it is cropped to the object's bounding box. It is rescaled to a random width in
+[0.7, 1] x resolution (aspect kept, height capped at the resolution) and pasted at a random
+position on a white square canvas. Last it is flipped with p 0.5, colour-jittered with p 0.1 and
+given a white random-erasing box with p 0.4 (2-25 % of the area). Images are ``3 x H x W`` float tensors: pixels in [0, 1] until
 :func:`to_model_range` maps them to [-1, 1].
 
 Every random draw comes from a ``torch.Generator`` passed in by the caller, so one seed and one

@@ -4,8 +4,8 @@ The resume file (``resume.pt``) contains the step, the adapter and optimizer sta
 scaler, the global RNG states (torch, CUDA, Python ``random``, NumPy) and the data order state.
 It contains only tensors and plain Python values, so it loads with
 ``torch.load(weights_only=True)``, and it is written atomically. All sample randomness is derived
-from (seed, sample position), so restoring the step restores the data order; the global RNG states
-are restored as well for any code that draws from the global generators.
+from (seed, sample position), so restoring the step restores the data order. The global RNG
+states are restored as well, for any code that draws from the global generators.
 """
 
 from __future__ import annotations

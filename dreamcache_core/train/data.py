@@ -4,9 +4,10 @@ Layouts:
 
 * ``released``: ``root/<object>/<stem>_generation.png`` with ``<stem>_caption.txt`` and
   ``<stem>_mask.png`` (single channel, 0 = background) beside it, as the DreamCache training set.
-* ``plain``: images in ``root`` with ``captions.jsonl`` (one ``{"file": ..., "caption": ...}``
-  object a line; ``file_name``/``image`` and ``text`` are accepted too) or ``captions.txt``
-  (``filename<TAB>caption`` a line), and an optional ``root/masks/<image stem>.png``.
+* ``plain``: images in ``root`` with a captions file and optional ``root/masks/<image stem>.png``.
+  The captions file is ``captions.jsonl``, one ``{"file": ..., "caption": ...}`` object a line
+  (``file_name``/``image`` and ``text`` are accepted too), or ``captions.txt`` with
+  ``filename<TAB>caption`` a line.
 
 Every sample has a global position p (optimizer step, micro-step, rank and row give it; see
 :func:`rank_positions`). Position p reads record ``permutation(epoch)[p mod N]`` with
@@ -252,7 +253,7 @@ def rank_positions(step: int, micro_step: int, rank: int, world_size: int, micro
                    accumulation: int) -> list[int]:
     """Return the global sample positions of one micro-batch.
 
-    The global batch of an optimizer step holds micro_batch x accumulation x world_size samples;
+    The global batch of an optimizer step has micro_batch x accumulation x world_size samples, and
     micro-step k of rank r takes rows [(k * world_size + r) * micro_batch, ... + micro_batch).
     """
     global_batch = micro_batch * accumulation * world_size

@@ -3,7 +3,7 @@
 ``python -m dreamcache_core.train.estimate --family sd2 --batch-size 12 --resolution 512 --dtype bf16``
 
 builds the stock U-Net of the family and the SD VAE encoder with ComfyUI's classes on the meta
-device. It runs the caching pass and the patched forward and backward of one micro-batch, then
+device. It runs the caching pass and the patched forward and backward of one micro-batch. It then
 prints the FLOPs per sample of each part (counted by ``torch.utils.flop_counter``), the bytes of
 the tensors that autograd saves for backward, and the memory of the weights and the optimizer.
 The text encoder is not counted. Needs ComfyUI (``--comfyui-path`` or ``COMFYUI_PATH``).

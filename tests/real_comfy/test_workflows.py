@@ -50,7 +50,7 @@ ADAPTER_NAME = "dreamcache_sd21.safetensors"
 REFERENCE_NAMES = ("dog_reference.jpg", "dog_reference_2.jpg", "cat_reference.jpg")
 # ComfyUI's own node files, from comfy_extras, that define the custom-sampling and mask nodes.
 EXTRA_NODE_FILES = ("nodes_custom_sampler.py", "nodes_mask.py")
-# Node types that only the frontend knows. They are saved in the UI format and left out of the API format.
+# Node types that only the frontend defines. They are saved in the UI format and left out of the API format.
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote"}
 
 # Each workflow and the test that runs it. A new workflow file fails test_every_workflow_is_run.
